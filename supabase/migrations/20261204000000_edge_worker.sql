@@ -184,7 +184,7 @@ begin
   insert into edge_worker.dead_letters
     (queue_name, msg_id, message, headers, read_ct, enqueued_at, error, worker_id, function_name)
   values
-    (fail.queue_name, fail.msg_id, msg -> 'message', msg -> 'headers', (msg ->> 'read_ct')::int,
+    (fail.queue_name, fail.msg_id, msg -> 'message', nullif(msg -> 'headers', 'null'::jsonb), (msg ->> 'read_ct')::int,
      (msg ->> 'enqueued_at')::timestamptz, fail.error, fail.worker_id, fail.function_name);
   execute format('delete from %s where msg_id = $1', qtable) using fail.msg_id;
   return 'dead_letter';
