@@ -92,14 +92,14 @@ create index if not exists dead_letters_queue_idx
 
 -- Runtime functions ----------------------------------------------------------------------
 
--- The queue table of a PGMQ queue. Built by hand (not pgmq.format_table_name) because
--- PGMQ 1.4.4, which many Supabase projects have, does not ship that function.
+-- The queue table of a PGMQ queue, named as PGMQ names it: PGMQ (1.4.4 and later)
+-- lowercases 'q_' || queue_name, so queue 'MyQueue' lives in pgmq.q_myqueue.
 create or replace function edge_worker._queue_table(queue_name text)
 returns text
 language sql
 immutable
 set search_path = ''
-as $$ select format('pgmq.%I', 'q_' || queue_name) $$;
+as $$ select format('pgmq.%I', lower('q_' || queue_name)) $$;
 
 create or replace function edge_worker.register_worker(
   worker_id uuid,
@@ -425,7 +425,10 @@ revoke all on schema edge_worker from public;
 revoke all on all tables in schema edge_worker from public;
 revoke all on all sequences in schema edge_worker from public;
 revoke execute on all functions in schema edge_worker from public;
-alter default privileges in schema edge_worker revoke execute on functions from public;
+-- No "alter default privileges in schema edge_worker revoke execute ... from public": PUBLIC's
+-- EXECUTE comes from a global default that a per-schema revoke cannot remove (it would be a
+-- silent no-op). Functions added later are still shut off by the schema: anon and
+-- authenticated have no USAGE on edge_worker, and re-running this file revokes EXECUTE.
 
 do $grants$
 begin
