@@ -1,9 +1,11 @@
 """`worker-runtime demo`: a worker processing real messages on the embedded default.
 
-It starts PostgreSQL from a wheel (embedded.py), runs one worker in-process on queue
-`demo`, sends N messages of which a few fail for good and a few fail once, shows the
-progress, and checks that every message ended where it should: archived, or (the ones
-that always fail) in edge_worker.dead_letters with their error.
+It starts PostgreSQL from a wheel (embedded.py), runs the function host with an example
+worker function (workers/demo-worker/worker.py in a temp folder), starts its worker with
+`POST /functions/v1/demo-worker` as the pg_cron keep-alive would, sends N messages of
+which a few fail for good and a few fail once, shows the progress, and checks that every
+message ended where it should: archived, or (the ones that always fail) in
+edge_worker.dead_letters with their error.
 """
 
 from __future__ import annotations
@@ -12,21 +14,28 @@ import asyncio
 import contextlib
 import logging
 import random
+import secrets
 import signal
+import socket
 import sys
+import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 import asyncpg
 
+import httpx
+import uvicorn
+
 from . import db
 from . import logging as worker_logging
-from .embedded import embedded_server, prepare
+from .embedded import EmbeddedError, embedded_server, prepare
 from .executor import Context
 from .producer import send_batch
-from .worker import Worker
 
 QUEUE = "demo"
 FUNCTION = "demo-worker"
@@ -140,17 +149,90 @@ async def run_demo(messages: int, *, out: TextIO, err: TextIO, verbose: bool = F
             await conn.close()
 
 
+# The example worker function, as a user writes it in workers/<name>/worker.py.
+WORKER_OPTIONS: dict[str, Any] = {
+    "queue_name": QUEUE, "retry_limit": RETRY_LIMIT, "retry_delay": RETRY_DELAY, "heartbeat_interval": 0.5,
+    "max_concurrent": 10, "poll_interval_ms": 50, "max_poll_seconds": 1, "visibility_timeout": 3,
+    "shutdown_grace_seconds": 2,
+}
+WORKER_MODULE = """\
+from worker_runtime import EdgeWorker
+from worker_runtime.demo import WORKER_OPTIONS, demo_handler
+
+EdgeWorker.start(demo_handler, **WORKER_OPTIONS)
+"""
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handlers: Ctrl-C/SIGTERM cancel the demo, which cleans up."""
+
+    def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]
+        return contextlib.nullcontext()
+
+
+@contextlib.asynccontextmanager
+async def function_host(url: str) -> AsyncIterator[httpx.AsyncClient]:
+    """The function host (as `worker-runtime serve` runs it) on a free localhost port, serving
+    workers/demo-worker/worker.py from a temporary folder; yields a client that sends the secret."""
+    from . import host
+
+    secret = secrets.token_urlsafe(32)
+    with tempfile.TemporaryDirectory(prefix="wr-demo-fn-") as root:
+        folder = Path(root) / "workers" / FUNCTION
+        folder.mkdir(parents=True)
+        (folder / "worker.py").write_text(WORKER_MODULE, encoding="utf-8")
+        app = host.create_app(Path(root) / "workers", db_url=url, auth_secret=secret)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        server = _Server(uvicorn.Config(app, lifespan="on", log_config=None, log_level="warning",
+                                        access_log=False))
+        serving = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+        try:
+            while not server.started:
+                if serving.done():
+                    raise EmbeddedError("The demo's function host did not start: rerun with --verbose to see why.")
+                await asyncio.sleep(0.01)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10,
+                                         headers={"Authorization": f"Bearer {secret}"}) as client:
+                yield client
+        finally:
+            server.should_exit = True  # the host's shutdown stops its workers gracefully
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(serving), 30)
+            if not serving.done():
+                serving.cancel()
+            sock.close()
+
+
+async def _retried(client: httpx.AsyncClient) -> int:
+    """Retries the host's workers decided so far, from GET /functions/v1/<name>/status."""
+    status = (await client.get(f"/functions/v1/{FUNCTION}/status")).json()
+    return sum(w["stats"]["retried"] for w in status["workers"])
+
+
+async def _start_worker(client: httpx.AsyncClient, conn: asyncpg.Connection) -> str:
+    """POST /functions/v1/<name> as pg_cron's keep-alive would; wait until the worker registered."""
+    answer = await client.post(f"/functions/v1/{FUNCTION}", json={"source": "worker-runtime demo"})
+    answer.raise_for_status()
+    worker_id = answer.json()["worker_id"]
+    deadline = time.monotonic() + 15
+    while not await conn.fetchval("select exists (select 1 from edge_worker.workers where worker_id = $1)",
+                                  uuid.UUID(worker_id)):
+        if time.monotonic() > deadline:
+            status = (await client.get(f"/functions/v1/{FUNCTION}/status")).json()
+            raise EmbeddedError(f"The demo worker did not start: {status.get('last_start_error') or 'no reason given'}.")
+        await asyncio.sleep(0.02)
+    return worker_id
+
+
 async def _run_on(url: str, conn: asyncpg.Connection, messages: int, out: TextIO, err: TextIO) -> bool:
-    worker = Worker(
-        demo_handler, queue_name=QUEUE, function_name=FUNCTION, db_url=url, retry_limit=RETRY_LIMIT,
-        retry_delay=RETRY_DELAY, heartbeat_interval=0.5, max_concurrent=10, poll_interval_ms=50,
-        max_poll_seconds=1, visibility_timeout=3, shutdown_grace_seconds=2,
-    )
-    await worker.start()
-    try:
+    async with function_host(url) as client:
+        worker_id = await _start_worker(client, conn)
         payloads = make_payloads(messages)
-        err.write(f"demo: worker {worker.worker_id} polling queue '{QUEUE}'; sending {messages} messages "
-                  f"(retry_limit={RETRY_LIMIT}, retry_delay={RETRY_DELAY}s)\n")
+        err.write(f"demo: function host started worker {worker_id} (POST /functions/v1/{FUNCTION}); "
+                  f"sending {messages} messages to queue '{QUEUE}' (retry_limit={RETRY_LIMIT}, "
+                  f"retry_delay={RETRY_DELAY}s)\n")
         err.flush()
         sent_at = time.monotonic()
         msg_ids = await send_batch(QUEUE, payloads, db_url=url)
@@ -158,23 +240,22 @@ async def _run_on(url: str, conn: asyncpg.Connection, messages: int, out: TextIO
         progress = Progress(messages, err)
         heartbeats: set[Any] = set()
         deadline = sent_at + 30 + messages * 0.05
-        snap = Snapshot()
+        snap, retried = Snapshot(), 0
         while time.monotonic() < deadline:
-            snap = await _snapshot(conn, worker.worker_id)
+            snap = await _snapshot(conn, worker_id)
+            retried = await _retried(client)
             if snap.heartbeat_at is not None:
                 heartbeats.add(snap.heartbeat_at)
             done = snap.archived + snap.dead
-            progress.update(done, worker.stats.retried, snap.dead, final=done >= messages)
+            progress.update(done, retried, snap.dead, final=done >= messages)
             if done >= messages:
                 break
             await asyncio.sleep(0.05)
         else:
-            progress.update(snap.archived + snap.dead, worker.stats.retried, snap.dead, final=True)
+            progress.update(snap.archived + snap.dead, retried, snap.dead, final=True)
         seconds = time.monotonic() - sent_at
-    finally:
-        await worker.stop("demo finished")
-    result = await _check(conn, expected, seconds, len(heartbeats) - 1, worker.worker_id)
-    print_summary(result, worker.worker_id, out)
+    result = await _check(conn, expected, seconds, len(heartbeats) - 1, worker_id)
+    print_summary(result, worker_id, out)
     return result.ok
 
 
