@@ -1,0 +1,1 @@
+../../worker_runtime/sql/edge_worker.sql
