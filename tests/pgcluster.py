@@ -86,6 +86,9 @@ class PgCluster:
                 f"\nport = {self.port}\nlisten_addresses = '127.0.0.1'\n"
                 f"unix_socket_directories = '{self.root}'\n"
                 "shared_preload_libraries = 'pg_cron'\ncron.database_name = 'postgres'\n"
+                # pg_cron runs each job over a libpq connection; through the socket (trust)
+                # it needs no password, over TCP (scram) every job would fail to connect.
+                f"cron.host = '{self.root}'\n"
                 "max_connections = 300\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
             )
 
