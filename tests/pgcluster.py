@@ -99,7 +99,9 @@ class PgCluster:
         self._run("pg_ctl", "-D", str(self.datadir), "-m", mode, "-w", "stop")
 
     def restart(self) -> None:
-        self._run("pg_ctl", "-D", str(self.datadir), "-m", "immediate", "-w", "restart")
+        """Crash-stop and start again (start, not `pg_ctl restart`, so the server logs to a file)."""
+        self.stop("immediate")
+        self.start()
 
     async def prepare(self) -> None:
         """Cluster-wide roles, pg_cron in `postgres`, and the template database."""

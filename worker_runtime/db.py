@@ -31,9 +31,12 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{userinfo}:***@{netloc[1]}"))
 
 
-def url_password(url: str) -> str | None:
+def register_url_secrets(url: str) -> None:
+    """Keep the URL's password out of every log line, in its encoded and decoded forms."""
     password = urlsplit(url).password
-    return unquote(password) if password else None
+    if password:
+        register_secret(password)
+        register_secret(unquote(password))
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -48,21 +51,30 @@ def _connect_kwargs() -> dict[str, object]:
     return {"statement_cache_size": 0, "server_settings": {"application_name": "worker_runtime"}}
 
 
-async def create_pool(url: str, max_size: int) -> asyncpg.Pool:
-    """A pool of at most `max_size` connections (opened on demand, closed when idle)."""
-    register_secret(url_password(url))
+async def create_pool(url: str, max_size: int, *, check: bool = True) -> asyncpg.Pool:
+    """A pool of at most `max_size` connections (opened on demand, closed when idle).
+
+    With `check`, one query proves the URL and password now, so a mistake is reported at
+    start as one sentence rather than later from inside the worker.
+    """
+    register_url_secrets(url)
+    pool = asyncpg.create_pool(
+        url, min_size=0, max_size=max_size, max_inactive_connection_lifetime=60,
+        init=_init_connection, **_connect_kwargs(),
+    )
     try:
-        return await asyncpg.create_pool(
-            url, min_size=0, max_size=max_size, max_inactive_connection_lifetime=60,
-            init=_init_connection, **_connect_kwargs(),
-        )
+        await pool
+        if check:
+            await pool.execute("select 1")
     except Exception as exc:
+        pool.terminate()
         raise DatabaseError(describe_connect_error(exc, url)) from None
+    return pool
 
 
 async def connect(url: str) -> asyncpg.Connection:
     """One connection with the same settings as the pool's."""
-    register_secret(url_password(url))
+    register_url_secrets(url)
     try:
         conn = await asyncpg.connect(url, **_connect_kwargs())
     except Exception as exc:

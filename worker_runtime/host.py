@@ -169,7 +169,7 @@ class FunctionHost:
     async def open(self) -> None:
         """Create the host's own small pool; it connects lazily, so a DB that is down
         shows in /health instead of keeping the host from starting."""
-        self._pool = await db.create_pool(self.db_url, _HOST_POOL_SIZE)
+        self._pool = await db.create_pool(self.db_url, _HOST_POOL_SIZE, check=False)
         loaded = [name for name, fn in self.functions.items() if fn.loaded]
         failed = [name for name, fn in self.functions.items() if not fn.loaded]
         log.info("Function host ready: %d function(s) %s%s", len(loaded), ", ".join(loaded) or "-",
