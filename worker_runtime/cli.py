@@ -25,12 +25,12 @@ import asyncpg
 
 from . import db
 from . import logging as worker_logging
-from .config import DB_URL_ENV, FUNCTION_NAME_PATTERN, QUEUE_NAME_PATTERN, ConfigError
+from .config import DB_URL_ENV, FUNCTION_NAME_PATTERN, FUNCTIONS_ENV_FILE, QUEUE_NAME_PATTERN, ConfigError
 from .db import DatabaseError, redact_url
 from .queue import Queue
 
 PROG = "worker-runtime"
-DEFAULT_ENV_FILE = "supabase/functions/.env"
+DEFAULT_ENV_FILE = FUNCTIONS_ENV_FILE
 AUTH_SECRET_ENV = "EDGE_WORKER_AUTH_SECRET"
 SEND_CHUNK = 1000
 

@@ -12,6 +12,8 @@ QUEUE_NAME_PATTERN = r"^[a-z_][a-z0-9_]{0,46}$"
 FUNCTION_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
 DB_URL_ENV = "EDGE_WORKER_DB_URL"
 LOG_LEVEL_ENV = "EDGE_WORKER_LOG_LEVEL"
+# Where Supabase projects keep function secrets (git-ignored); every entry point reads it.
+FUNCTIONS_ENV_FILE = "supabase/functions/.env"
 
 
 class ConfigError(ValueError):

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dotenv import load_dotenv
+
 from . import logging as worker_logging
-from .config import ConfigError, WorkerConfig
+from .config import FUNCTIONS_ENV_FILE, ConfigError, WorkerConfig
 from .db import DatabaseError
 from .executor import Handler
 from .worker import Worker
@@ -70,6 +72,8 @@ class EdgeWorker:
 
 
 def _run_foreground(spec: WorkerSpec) -> None:
+    # Like `worker-runtime serve`: secrets from the project's function env file, env wins.
+    load_dotenv(FUNCTIONS_ENV_FILE, override=False)
     worker_logging.configure(spec.config.log_level)
     try:
         asyncio.run(Worker(spec.handler, spec.config).run())

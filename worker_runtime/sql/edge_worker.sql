@@ -10,9 +10,11 @@ do $pgmq$
 begin
   if exists (select 1 from pg_extension where extname = 'pgmq') then
     return;
+  elsif to_regnamespace('pgmq') is not null then
+    return;  -- PGMQ installed as plain SQL: creating the extension over it would fail
   elsif exists (select 1 from pg_available_extensions where name = 'pgmq') then
     create extension pgmq;
-  elsif to_regnamespace('pgmq') is null then
+  else
     raise exception 'PGMQ is not installed in this database.'
       using hint = 'On Supabase enable Queues (Dashboard > Integrations > Queues, or "create extension pgmq;"); '
                    'elsewhere install PGMQ (the extension, or its pgmq.sql) before this migration.';
