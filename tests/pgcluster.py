@@ -138,10 +138,11 @@ class PgCluster:
         await install_pgmq_sql(conn)
         await apply_migration(conn)
 
-    async def create_database(self, name: str) -> str:
+    async def create_database(self, name: str, template: str = TEMPLATE_DB) -> str:
+        """A new database cloned from `template` (template0: a bare one); returns its URL."""
         conn = await asyncpg.connect(self.url())
         try:
-            await conn.execute(f'create database "{name}" template {TEMPLATE_DB}')
+            await conn.execute(f'create database "{name}" template {template}')
         finally:
             await conn.close()
         return self.url(name)

@@ -79,11 +79,7 @@ async def tasks_queue(conn: asyncpg.Connection) -> str:
 async def plain_db(pg: PgCluster) -> AsyncIterator[str]:
     """A database from template0: no PGMQ, no migration."""
     name = f"cli_plain_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(pg.url())
-    try:
-        await admin.execute(f'create database "{name}" template template0')
-    finally:
-        await admin.close()
+    await pg.create_database(name, template="template0")
     yield pg.url(name)
     await pg.drop_database(name)
 

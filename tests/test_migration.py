@@ -41,11 +41,7 @@ async def edge_worker_relations(conn: asyncpg.Connection) -> dict[str, str]:
 async def empty_db(pg: PgCluster) -> AsyncIterator[str]:
     """A plain database from template0: no PGMQ, no stand-ins, no migration."""
     name = f"plain_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(pg.url())
-    try:
-        await admin.execute(f'create database "{name}" template template0')
-    finally:
-        await admin.close()
+    await pg.create_database(name, template="template0")
     yield name
     await pg.drop_database(name)
 

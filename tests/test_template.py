@@ -364,11 +364,7 @@ def test_copier_update_from_an_older_tagged_version(tmp_path: Path, project: Pat
 async def plain_pgmq_db(pg: PgCluster) -> AsyncIterator[str]:
     """A fresh database from template0 with only PGMQ: what `supabase db push` meets."""
     name = f"tpl_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(pg.url())
-    try:
-        await admin.execute(f'create database "{name}" template template0')
-    finally:
-        await admin.close()
+    await pg.create_database(name, template="template0")
     conn = await asyncpg.connect(pg.url(name))
     try:
         await install_pgmq_sql(conn)

@@ -12,7 +12,7 @@ import pytest
 from pydantic import BaseModel
 
 from tests.waiting import wait_for
-from worker_runtime import EdgeWorker, State, Worker, WorkerConfig, send, send_batch
+from worker_runtime import EdgeWorker, State, Worker, send, send_batch
 from worker_runtime import db
 from worker_runtime.edge_worker import collect
 

@@ -267,6 +267,10 @@ class Worker:
                 self._log.warning("Polling failed (%s), retrying in %.1fs", type(exc).__name__, backoff.delay)
                 await backoff.wait()
                 continue
+            except asyncpg.PostgresError as exc:  # e.g. the queue was dropped: keep trying, loudly
+                self._log.error("Polling failed: %s; retrying in %.1fs", exc, backoff.delay)
+                await backoff.wait()
+                continue
             backoff.reset()
             for message in messages:
                 self._in_flight[message.msg_id] = message
@@ -334,7 +338,7 @@ class Worker:
                 batch = self._acks[: 1000]
                 try:
                     await self.queue.archive(batch)
-                except db.CONNECTION_ERRORS as exc:
+                except (*db.CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
                     self._log.warning("Archiving failed (%s), retrying", type(exc).__name__)
                     await backoff.wait()
                     continue
