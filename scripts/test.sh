@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The one test command, for a fresh Debian 12 machine and for CI (.ci/run calls it).
 # Installs what the tests need where it is missing, then runs pytest with the arguments
-# given here: PostgreSQL 15 with pg_cron and PL/Python (apt), this package with its test
+# given here: PostgreSQL 15 with pg_cron and PL/Python, PgBouncer (apt), this package with its test
 # extras (pip), and the pinned Supabase CLI (npm, into the git-ignored .tools/).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 SUPABASE_VERSION="2.117.0"
-APT_PACKAGES=(postgresql-15 postgresql-15-cron postgresql-plpython3-15)
+APT_PACKAGES=(postgresql-15 postgresql-15-cron postgresql-plpython3-15 pgbouncer)
 
 say() { echo "scripts/test.sh: $*"; }
 
