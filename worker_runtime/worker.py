@@ -97,6 +97,7 @@ class Worker:
         self._background: list[asyncio.Task[None]] = []
         self._poll_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        self._start_done = asyncio.Event()  # start() returned or raised
         self._stop_task: asyncio.Task[None] | None = None
         self._poller: Poller | None = None
 
@@ -131,6 +132,7 @@ class Worker:
         except BaseException:
             self.state = State.STOPPED
             self._stopped.set()
+            self._start_done.set()
             await self._close_pool()
             raise
         self.queue = queue
@@ -144,6 +146,7 @@ class Worker:
         ]
         if c.max_lifetime_seconds is not None:
             self._background.append(spawn(self._lifetime_limit(c.max_lifetime_seconds)))
+        self._start_done.set()
         self._log.info("Worker started, polling queue '%s' (%s)", c.queue_name, c.poller)
 
     async def _make_poller(self, queue: Queue) -> Poller:
@@ -192,6 +195,9 @@ class Worker:
         await self.stop("context exited")
 
     async def _stop(self, reason: str) -> None:
+        await self._start_done.wait()  # a stop asked for during start waits for it to finish
+        if self.state is not State.RUNNING:
+            return
         self.state = State.STOPPING
         self.stop_reason = reason
         self._log.info("Stopping worker: %s", reason)
