@@ -40,6 +40,7 @@ from . import logging as worker_logging
 from .config import DB_URL_ENV, FUNCTION_NAME_PATTERN, FUNCTIONS_ENV_FILE, ConfigError, WorkerConfig
 from .edge_worker import WorkerSpec, collect
 from .logging import get_logger, redact, register_secret
+from .versioning import folder_version, worker_version
 from .worker import State, Worker
 
 AUTH_SECRET_ENV = "EDGE_WORKER_AUTH_SECRET"
@@ -76,6 +77,8 @@ class WorkerFunction:
     path: Path
     spec: WorkerSpec | None = None
     error: str | None = None  # one line, safe to show over HTTP
+    content_hash: str | None = None  # folder_version() of the folder when it was loaded
+    version: str | None = None  # what its workers run with (versioning.worker_version)
 
     @property
     def loaded(self) -> bool:
@@ -89,6 +92,7 @@ def load_function(name: str, path: Path) -> WorkerFunction:
     in sys.modules. Any error (syntax, import, bad options) is kept, not raised.
     """
     module_name = f"edge_worker_functions.{name}"
+    content_hash = _content_hash(path)
     try:
         module_spec = importlib.util.spec_from_file_location(module_name, path)
         if module_spec is None or module_spec.loader is None:
@@ -101,13 +105,21 @@ def load_function(name: str, path: Path) -> WorkerFunction:
         sys.modules.pop(module_name, None)
         summary = _one_line(f"{type(exc).__name__}: {exc}")
         log.error("Worker function '%s' failed to import (%s): %s", name, path, summary, exc_info=exc)
-        return WorkerFunction(name, path, error=summary)
+        return WorkerFunction(name, path, error=summary, content_hash=content_hash)
     if len(specs) != 1:
         found = "does not call" if not specs else f"calls {len(specs)} times"
         error = f"{path} {found} EdgeWorker.start(handler, ...): a worker function starts exactly one worker"
         log.error("Worker function '%s': %s", name, error)
-        return WorkerFunction(name, path, error=error)
-    return WorkerFunction(name, path, spec=specs[0])
+        return WorkerFunction(name, path, error=error, content_hash=content_hash)
+    version = worker_version(content_hash, specs[0].config.version) if content_hash else specs[0].config.version
+    return WorkerFunction(name, path, spec=specs[0], content_hash=content_hash, version=version)
+
+
+def _content_hash(path: Path) -> str | None:
+    try:
+        return folder_version(path.parent)
+    except OSError:
+        return None
 
 
 def discover(workers_dir: str | os.PathLike[str]) -> dict[str, WorkerFunction]:
@@ -205,6 +217,19 @@ class FunctionHost:
     def live_workers(self, name: str) -> list[Worker]:
         return [w for w in self._workers.get(name, []) if w.state in _LIVE_STATES]
 
+    def reload_if_changed(self, name: str) -> WorkerFunction:
+        """Re-import a function whose folder changed since it was loaded (a deploy copied new
+        code): new workers run the new code and version; running ones keep theirs until the
+        deploy deprecates them."""
+        function = self.functions[name]
+        current = _content_hash(function.path)
+        if current is None or current == function.content_hash:
+            return function
+        log.info("Worker function '%s' changed on disk (version %s -> %s): reloading it",
+                 name, function.version or "-", current)
+        self.functions[name] = function = load_function(name, function.path)
+        return function
+
     async def start_worker(self, name: str, *, why: str = "request") -> tuple[str, Worker]:
         """('started', new worker) or ('running', a live one) when the instance limit is reached.
 
@@ -215,7 +240,9 @@ class FunctionHost:
         async with self._lock:
             if not self.accepting:
                 raise ShuttingDown(SHUTTING_DOWN)
-            live = self.live_workers(name)
+            # Only workers of the loaded version count: during a deploy's hand-over the new
+            # version starts while the old one finishes its messages.
+            live = [w for w in self.live_workers(name) if w.config.version == function.version]
             if len(live) >= self.max_instances:
                 return "running", live[0]
             worker = Worker(function.spec.handler, self._config_for(function), on_stopped=self._on_stopped)
@@ -229,7 +256,7 @@ class FunctionHost:
     def _config_for(self, function: WorkerFunction) -> WorkerConfig:
         assert function.spec is not None
         config = function.spec.config
-        update: dict[str, Any] = {"function_name": function.name}
+        update: dict[str, Any] = {"function_name": function.name, "version": function.version}
         if config.db_url is None:
             update["db_url"] = SecretStr(self.db_url)
         return config.model_copy(update=update)
@@ -334,6 +361,7 @@ class FunctionHost:
             "loaded": function.loaded,
             "error": function.error,
             "queue_name": function.spec.config.queue_name if function.spec else None,
+            "version": function.version,
             "accepting": self.accepting,
             "max_instances": self.max_instances,
             "live": len(self.live_workers(name)),
@@ -345,6 +373,7 @@ class FunctionHost:
         s = worker.stats
         return {
             "worker_id": worker.worker_id,
+            "version": worker.config.version,
             "state": worker.state.value,
             "in_flight": worker.in_flight,
             "stats": {"processed": s.processed, "failed": s.failed, "retried": s.retried,
@@ -386,6 +415,7 @@ async def _start(request: Request) -> JSONResponse:
     function = _lookup(host, request.path_params["name"])
     if isinstance(function, JSONResponse):
         return function
+    function = host.reload_if_changed(function.name)
     if not function.loaded:
         return _error(500, f"worker function '{function.name}' failed to import: {function.error}")
     try:
