@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import inspect
 import json
 import os
 import re
@@ -274,10 +273,6 @@ async def _connection(args: argparse.Namespace) -> AsyncIterator[asyncpg.Connect
             await conn.close()
 
 
-async def _maybe_await(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
-
-
 # -- serve ------------------------------------------------------------------------------------------
 
 
@@ -285,15 +280,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from . import host  # imported only when serving: uvicorn and Starlette load on demand
 
     try:
-        result = host.serve(
+        host.serve(
             workers_dir=args.workers_dir, host=args.host, port=args.port, env_file=args.env_file,
             db_url=args.db_url, max_instances=args.max_instances, insecure_no_auth=args.insecure_no_auth,
         )
     except host.HostError as exc:  # no workers folder, port taken: already one sentence
         raise CliError(str(exc)) from None
-    if inspect.isawaitable(result):
-        result = _run(result)
-    return result if isinstance(result, int) else 0
+    return 0
 
 
 # -- migrate ----------------------------------------------------------------------------------------
@@ -490,16 +483,16 @@ def cmd_register(args: argparse.Namespace) -> int:
 
     async def run() -> Any:
         async with _connection(args) as conn:
-            await _maybe_await(keepalive.register_function(
+            await keepalive.register_function(
                 conn, args.name, args.queue, url=args.url, min_workers=args.min_workers,
                 debounce_seconds=args.debounce, version=args.version,
-            ))
+            )
             if secret:
-                await _maybe_await(keepalive.set_vault_secret(conn, "edge_worker_auth_secret", secret))
+                await keepalive.set_vault_secret(conn, keepalive.AUTH_SECRET, secret)
                 if args.url:
-                    await _maybe_await(keepalive.set_vault_secret(conn, "edge_worker_url", args.url))
+                    await keepalive.set_vault_secret(conn, keepalive.URL_SECRET, args.url)
             if args.schedule:
-                return await _maybe_await(keepalive.setup_keepalive(conn, args.schedule))
+                return await keepalive.setup_keepalive(conn, args.schedule)
             return None
 
     job = _run(run())

@@ -29,8 +29,7 @@ class Message:
     @classmethod
     def from_record(cls, row: asyncpg.Record) -> Message:
         # `headers` is PGMQ 1.5+; older servers have no such column.
-        headers = row["headers"] if "headers" in row.keys() else None
-        return cls(row["msg_id"], row["read_ct"], row["enqueued_at"], row["vt"], row["message"], headers)
+        return cls(row["msg_id"], row["read_ct"], row["enqueued_at"], row["vt"], row["message"], row.get("headers"))
 
 
 @dataclass
