@@ -23,6 +23,7 @@ import asyncpg
 import pytest
 
 from tests.pgcluster import PgCluster, free_port
+from tests.waiting import wait_for
 from worker_runtime import Worker
 from worker_runtime.cli import main
 
@@ -583,19 +584,6 @@ def serve_process(cwd: Path, *args: str, env: dict[str, str] | None = None) -> s
         env=base | {"PYTHONPATH": str(REPO_ROOT)} | (env or {}),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
-
-
-async def wait_for(check, deadline: float, what: str):  # type: ignore[no-untyped-def]
-    """Poll `check()` (async) until it returns something truthy or the deadline passes."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline
-    while True:
-        result = await check()
-        if result:
-            return result
-        if loop.time() > end:
-            raise AssertionError(f"timed out after {deadline}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def test_serve_starts_workers_over_http_and_stops_on_sigterm(

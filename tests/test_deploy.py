@@ -211,11 +211,20 @@ async def live_workers(conn: asyncpg.Connection) -> list[asyncpg.Record]:
         "and deprecated_at is null and last_heartbeat_at > now() - interval '3 seconds' order by started_at", NAME)
 
 
+async def next_heartbeat(conn: asyncpg.Connection) -> None:
+    """Wait until every worker of the function heartbeat again: a deprecation, stop or stray
+    start made before now shows by then."""
+    since = await conn.fetchval("select now()")
+    await wait_for(lambda: conn.fetchval(
+        "select bool_and(last_heartbeat_at > $2) from edge_worker.workers"
+        " where function_name = $1 and stopped_at is null", NAME, since), timeout=10, what="the next heartbeat")
+
+
 async def assert_still_runs(conn: asyncpg.Connection, env: DeployEnv) -> None:
     """The v1 deploy is untouched: its worker heartbeats, undeprecated; the keep-alive still
     points at the first host and the function's version is still v1."""
     v1 = env.v1
-    await asyncio.sleep(0.6)  # more than one heartbeat interval: a deprecated worker would stop
+    await next_heartbeat(conn)
     rows = await live_workers(conn)
     assert [r["version"] for r in rows] == [v1], rows
     assert await conn.fetchval("select version from edge_worker.functions where function_name = $1", NAME) == v1
@@ -345,7 +354,7 @@ async def test_dry_run_prints_the_plan_and_changes_nothing(
     try:
         v2 = deployed.write_worker("v2")
         result = await asyncio.to_thread(deployed.deploy, "--dry-run")
-        await asyncio.sleep(0.6)  # a stray start or deprecation would show within a heartbeat
+        await next_heartbeat(conn)
         assert await state() == before
     finally:
         deployed.write_worker("v1")

@@ -4,40 +4,23 @@ with real PGMQ and pg_cron. Time-dependent checks wait on a condition with a dea
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 import pytest
 
 from tests.pgcluster import PgCluster
+from tests.waiting import wait_for
 
-T = TypeVar("T")
 QUEUE = "tasks"
 ERROR = {"type": "ValueError", "message": "bad payload", "traceback": "Traceback (most recent call last): ..."}
-
-
-async def wait_for(
-    check: Callable[[], Awaitable[T] | T], *, timeout: float = 10.0, what: str = "condition"
-) -> T:
-    """Poll `check` (sync or async) until it returns something truthy; fail after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture

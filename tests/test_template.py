@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import tomllib
 import uuid
 from collections.abc import AsyncIterator
@@ -25,7 +24,16 @@ from copier.errors import TaskError
 
 from tests.pgcluster import PgCluster
 from tests.supabase_cli import run_supabase
-from tests.template_kit import PACKAGED_MIGRATION, REPO_ROOT, git, make_kit_repo, read_env, render, snapshot
+from tests.template_kit import (
+    PACKAGED_MIGRATION,
+    REPO_ROOT,
+    git,
+    make_kit_repo,
+    read_env,
+    render,
+    snapshot,
+)
+from tests.waiting import wait_for
 from worker_runtime.migrate import install_pgmq_sql
 
 SPECIAL_PASSWORD = "p@ss:w/rd?#%& +=$;,'\"\\[]{}<>|^`~!é"
@@ -433,16 +441,6 @@ def project_env(db_url: str) -> dict[str, str]:
     return env
 
 
-async def wait_until(condition, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = await condition()
-        if value:
-            return value
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 async def test_generated_worker_processes_a_message(kit: Path, project: Path, db_url: str) -> None:
     render(kit, project, worker_name="greeter", queue_name="greetings")
     env = project_env(db_url)
@@ -457,7 +455,7 @@ async def test_generated_worker_processes_a_message(kit: Path, project: Path, db
                 raise AssertionError(f"the worker exited early:\n{worker.stdout.read() if worker.stdout else ''}")
             return bool(await conn.fetchval("select exists (select 1 from pgmq.meta where queue_name = 'greetings')"))
 
-        await wait_until(queue_exists, 30, "the worker to create its queue")
+        await wait_for(queue_exists, 30, "the worker to create its queue")
         sent = await asyncio.to_thread(
             run_python, ["-m", "worker_runtime", "send", "greetings", '{"name": "Ada"}'], project, env)
         assert sent.returncode == 0, sent.stdout + sent.stderr
@@ -466,7 +464,7 @@ async def test_generated_worker_processes_a_message(kit: Path, project: Path, db
         async def archived() -> bool:
             return bool(await conn.fetchval("select exists (select 1 from pgmq.a_greetings where msg_id = $1)", msg_id))
 
-        await wait_until(archived, 30, f"message {msg_id} to be archived")
+        await wait_for(archived, 30, f"message {msg_id} to be archived")
         assert await conn.fetchval("select message from pgmq.a_greetings where msg_id = $1", msg_id) == '{"name": "Ada"}'
         assert await conn.fetchval("select count(*) from edge_worker.workers where function_name = 'greeter'") == 1
     finally:
