@@ -561,3 +561,15 @@ async def test_setup_keepalive_needs_pg_cron(conn: asyncpg.Connection) -> None:
     assert await conn.fetchval("select to_regnamespace('cron')") is None, "clones have no pg_cron"
     with pytest.raises(asyncpg.RaiseError, match='needs pg_cron: run "create extension pg_cron;"'):
         await conn.fetchval("select edge_worker.setup_keepalive('* * * * *')")
+
+
+async def test_requeue_keeps_headers_where_pgmq_has_them(conn: asyncpg.Connection, queue: str) -> None:
+    # PGMQ 1.5+ (1.13 here) stores headers; a requeued dead letter carries them again.
+    msg_id = await conn.fetchval(
+        "select pgmq.send($1, $2::jsonb, $3::jsonb, 0)", queue, json.dumps({"n": 1}), json.dumps({"trace": "abc"}))
+    await conn.fetch("select * from pgmq.read($1, 30, 1)", queue)
+    assert await fail(conn, queue, msg_id, retry_limit=0, retry_delay=0) == "dead_letter"
+    assert json.loads(await conn.fetchval("select headers from edge_worker.dead_letters")) == {"trace": "abc"}
+    await conn.fetch("select * from edge_worker.requeue_dead_letters($1)", queue)
+    [msg] = await conn.fetch("select * from pgmq.read($1, 30, 1)", queue)
+    assert json.loads(msg["headers"]) == {"trace": "abc"} and json.loads(msg["message"]) == {"n": 1}

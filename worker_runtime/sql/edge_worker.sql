@@ -238,14 +238,20 @@ declare
   new_id bigint;
 begin
   for d in
-    select dl.id, dl.message from edge_worker.dead_letters dl
+    select dl.id, dl.message, dl.headers from edge_worker.dead_letters dl
      where dl.queue_name = requeue_dead_letters.queue_name
        and dl.requeued_at is null
        and (ids is null or dl.id = any(ids))
      order by dl.id
      for update
   loop
-    select s into new_id from pgmq.send(requeue_dead_letters.queue_name, coalesce(d.message, 'null'::jsonb)) s;
+    if d.headers is not null and to_regprocedure('pgmq.send(text,jsonb,jsonb,integer)') is not null then
+      -- PGMQ 1.5+ keeps headers: send them again (dynamic: 1.4.4 has no such overload)
+      execute 'select pgmq.send($1, $2, $3, 0)' into new_id
+        using requeue_dead_letters.queue_name, coalesce(d.message, 'null'::jsonb), d.headers;
+    else
+      select s into new_id from pgmq.send(requeue_dead_letters.queue_name, coalesce(d.message, 'null'::jsonb)) s;
+    end if;
     update edge_worker.dead_letters set requeued_at = now(), requeued_msg_id = new_id where id = d.id;
     dead_letter_id := d.id;
     msg_id := new_id;
