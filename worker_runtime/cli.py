@@ -24,13 +24,14 @@ import asyncpg
 
 from . import db
 from . import logging as worker_logging
-from .config import DB_URL_ENV, FUNCTION_NAME_PATTERN, FUNCTIONS_ENV_FILE, QUEUE_NAME_PATTERN, ConfigError
+from .config import (
+    AUTH_SECRET_ENV, DB_URL_ENV, FUNCTION_NAME_PATTERN, FUNCTIONS_ENV_FILE, QUEUE_NAME_PATTERN, ConfigError,
+)
 from .db import DatabaseError, redact_url
 from .queue import Queue
 
 PROG = "worker-runtime"
 DEFAULT_ENV_FILE = FUNCTIONS_ENV_FILE
-AUTH_SECRET_ENV = "EDGE_WORKER_AUTH_SECRET"
 SEND_CHUNK = 1000
 
 
@@ -176,8 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _load_env_file()
     if args.db_url is None:
         args.db_url = os.environ.get(DB_URL_ENV) or None
-    for secret in _url_secrets(args.db_url):
-        worker_logging.register_secret(secret)
+    if args.db_url:
+        db.register_url_secrets(args.db_url)
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -197,15 +198,6 @@ def _load_env_file() -> None:
         from dotenv import load_dotenv
 
         load_dotenv(path, override=False)
-
-
-def _url_secrets(url: str | None) -> list[str]:
-    if not url:
-        return []
-    from urllib.parse import unquote, urlsplit
-
-    raw = urlsplit(url).password
-    return [s for s in {raw, unquote(raw or "")} if s]
 
 
 def _print_error(sentence: str, stream: TextIO | None = None) -> None:

@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 QUEUE_NAME_PATTERN = r"^[a-z_][a-z0-9_]{0,46}$"
 FUNCTION_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
 DB_URL_ENV = "EDGE_WORKER_DB_URL"
+# The bearer secret the function host checks and the keep-alive sends (Vault: edge_worker_auth_secret).
+AUTH_SECRET_ENV = "EDGE_WORKER_AUTH_SECRET"
 LOG_LEVEL_ENV = "EDGE_WORKER_LOG_LEVEL"
 # Where Supabase projects keep function secrets (git-ignored); every entry point reads it.
 FUNCTIONS_ENV_FILE = "supabase/functions/.env"

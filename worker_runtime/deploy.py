@@ -47,14 +47,13 @@ import httpx
 
 from . import db
 from . import logging as worker_logging
-from .config import DB_URL_ENV, FUNCTION_NAME_PATTERN
+from .config import AUTH_SECRET_ENV, DB_URL_ENV, FUNCTION_NAME_PATTERN, FUNCTIONS_ENV_FILE
 from .keepalive import AUTH_SECRET, URL_SECRET, register_function, set_vault_secret
 
 PROG = "deploy"
 MIN_CLI_VERSION = (2, 0, 2)
-ENV_FILE = Path("supabase/functions/.env")
+ENV_FILE = Path(FUNCTIONS_ENV_FILE)
 PROJECT_REF_FILE = Path("supabase/.temp/project-ref")
-AUTH_SECRET_ENV = "EDGE_WORKER_AUTH_SECRET"
 WORKER_URL_ENV = "EDGE_WORKER_URL"
 PROJECT_REF_ENV = "SUPABASE_PROJECT_REF"
 ACCESS_TOKEN_ENV = "SUPABASE_ACCESS_TOKEN"

@@ -37,13 +37,14 @@ from starlette.routing import Route
 
 from . import db
 from . import logging as worker_logging
-from .config import DB_URL_ENV, FUNCTION_NAME_PATTERN, FUNCTIONS_ENV_FILE, ConfigError, WorkerConfig
+from .config import (
+    AUTH_SECRET_ENV, DB_URL_ENV, FUNCTION_NAME_PATTERN, FUNCTIONS_ENV_FILE, ConfigError, WorkerConfig,
+)
 from .edge_worker import WorkerSpec, collect
 from .logging import get_logger, redact, register_secret
 from .versioning import folder_version, worker_version
 from .worker import State, Worker
 
-AUTH_SECRET_ENV = "EDGE_WORKER_AUTH_SECRET"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 54380
 DEFAULT_ENV_FILE = FUNCTIONS_ENV_FILE
